@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run every check: all notebooks with nbdev_test, then the pytest suite (which includes a papermill
 # smoke run of the training notebook). Ends with one line "N passed, N failed" over both.
-# Usage: bash tools/test.sh [pytest arguments]   (inside the environment made by tools/setup.sh)
+# Usage: bash tools/test.sh [pytest arguments]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Use the environment made by tools/setup.sh unless one is already active.
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then source .venv/bin/activate; fi
 export COCOMIX_DATA=${COCOMIX_DATA:-$(cd .. && pwd)/shared/data/coco2017-mini}
 log_dir=$(mktemp -d)
 
