@@ -65,6 +65,14 @@ def test_resume_matches_uninterrupted_run(mini_root, tmp_path, finished_run, mon
     assert resumed["test"] == uninterrupted["test"]
 
 
+def test_cold_and_warm_cache_train_identically(mini_root, tmp_path):
+    cache = tmp_path / "cache"
+    cold = train(small_config(mini_root, tmp_path / "cold", epochs=1, max_images=30, cache_dir=str(cache)))
+    warm = train(small_config(mini_root, tmp_path / "warm", epochs=1, max_images=30, cache_dir=str(cache)))
+    assert cold["history"][0]["loss"] == warm["history"][0]["loss"]
+    assert cold["test"] == warm["test"]
+
+
 def test_different_seeds_differ(mini_root, tmp_path, finished_run):
     _, seed0 = finished_run
     seed1 = train(small_config(mini_root, tmp_path / "seed1", epochs=3, seed=1))
