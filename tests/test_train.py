@@ -124,14 +124,15 @@ def test_grid_rejects_wrong_type(tmp_path):
 
 def test_grid_continues_after_a_failed_run_and_skips_finished(mini_root, tmp_path):
     parameters = dict(preset="cpu-mini", data_root=str(mini_root), epochs=1, max_images=40, batch_size=16)
-    results, failures = run_grid("grid", ["no-such-stage", "baseline"], [0], parameters, out_root=tmp_path)
+    results, failures = run_grid("grid", ["no-such-stage", "token_baseline"], [0], parameters, out_root=tmp_path)
     assert list(failures) == ["no-such-stage-0"]
-    assert list(results) == ["baseline-0"]
+    assert list(results) == ["token_baseline-0"]
+    assert results["token_baseline-0"]["config"]["model_type"] == "token"
     assert (tmp_path / "grid" / "no-such-stage-0" / "error.txt").is_file()
-    stamp = (tmp_path / "grid" / "baseline-0" / "metrics.json").stat().st_mtime
-    again, _ = run_grid("grid", ["baseline"], [0], parameters, out_root=tmp_path)
-    assert (tmp_path / "grid" / "baseline-0" / "metrics.json").stat().st_mtime == stamp
-    assert again["baseline-0"]["test"] == results["baseline-0"]["test"]
+    stamp = (tmp_path / "grid" / "token_baseline-0" / "metrics.json").stat().st_mtime
+    again, _ = run_grid("grid", ["token_baseline"], [0], parameters, out_root=tmp_path)
+    assert (tmp_path / "grid" / "token_baseline-0" / "metrics.json").stat().st_mtime == stamp
+    assert again["token_baseline-0"]["test"] == results["token_baseline-0"]["test"]
 
 
 def test_finetune_mode_updates_backbones(mini_root, tmp_path):
