@@ -122,7 +122,7 @@ def test_grid_rejects_wrong_type(tmp_path):
         run_grid("x", ["baseline"], [0], {"epochs": "3"}, out_root=tmp_path)
 
 
-def test_grid_continues_after_a_failed_run_and_skips_finished(mini_root, tmp_path):
+def test_grid_survives_failure_and_skips_finished(mini_root, tmp_path):
     parameters = dict(preset="cpu-mini", data_root=str(mini_root), epochs=1, max_images=40, batch_size=16)
     results, failures = run_grid("grid", ["no-such-stage", "token_baseline"], [0], parameters, out_root=tmp_path)
     assert list(failures) == ["no-such-stage-0"]
