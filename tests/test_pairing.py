@@ -174,7 +174,7 @@ def test_choose_partners_top1_is_masked_argmax():
                 assert image_ids[partner[row]].item() != image_ids[row].item()
 
 
-def test_choose_partners_top_k_draws_stay_in_top_k():
+def test_choose_partners_top_k_draws():
     generator = torch.Generator().manual_seed(4)
     vectors = torch.randn(12, 5, generator=generator)
     image_ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 4, 5, 5, 6, 7])
