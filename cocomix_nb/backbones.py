@@ -18,7 +18,7 @@ from torchvision import transforms as T
 # %% auto #0
 __all__ = ['logger', 'IMAGE_BACKBONES', 'RESNET50_WEIGHTS_FILE', 'TEXT_BACKBONES', 'WeightsUnavailableError',
            'ImageBackboneConfig', 'register_image_backbone', 'image_backbone_config', 'image_transform',
-           'ImageBackbone', 'create_image_backbone', 'TextBackboneConfig', 'register_text_backbone',
+           'normalize_pixels', 'ImageBackbone', 'create_image_backbone', 'TextBackboneConfig', 'register_text_backbone',
            'text_backbone_config', 'TextBackbone', 'create_text_backbone']
 
 # %% ../nbs/01_backbones.ipynb #f4bc62df
@@ -72,13 +72,25 @@ def image_transform(name: str, train: bool = False) -> T.Compose:
     return T.Compose(geometry + [T.ToTensor(), T.Normalize(config.mean, config.std)])
 
 # %% ../nbs/01_backbones.ipynb #b5073e35
+def normalize_pixels(images: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    "Scale uint8 pixels `[B, 3, H, W]` to 0..1 and normalise each channel with `mean` and `std`, in `dtype`."
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize_pixels expects uint8 pixels, got dtype {images.dtype}; float images are "
+                         "already normalised by image_transform.")
+    mean = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    return (images.to(dtype) / 255 - mean) / std
+
+# %% ../nbs/01_backbones.ipynb #617f9e4a
 class ImageBackbone(nn.Module):
     """A CNN trunk returning `pooled` `[B, C]` and patch `tokens` `[B, H*W, C]` (49 at 224 px)."""
 
-    def __init__(self, config: ImageBackboneConfig, trunk: nn.Module, frozen: bool = True):
+    def __init__(self, config: ImageBackboneConfig, trunk: nn.Module, frozen: bool = True,
+                 channels_last: bool = False):
         super().__init__()
         self.config, self.trunk, self.frozen = config, trunk, frozen
         self.freeze(frozen)
+        self.set_channels_last(channels_last)
 
     @property
     def feature_dim(self) -> int:
@@ -92,6 +104,12 @@ class ImageBackbone(nn.Module):
         self.train(self.training)
         return self
 
+    def set_channels_last(self, enabled: bool = True):
+        "Store the trunk's weights, and convert its inputs, in the channels-last (NHWC) memory format, or not."
+        self.channels_last = enabled
+        self.trunk.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.frozen:
@@ -99,6 +117,10 @@ class ImageBackbone(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.dtype == torch.uint8:
+            images = normalize_pixels(images, self.config.mean, self.config.std)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feature_map = self.trunk(images)  # [B, C, H, W]
         tokens = feature_map.flatten(2).transpose(1, 2)  # [B, H*W, C]
@@ -168,12 +190,13 @@ register_image_backbone(ImageBackboneConfig(
 register_image_backbone(ImageBackboneConfig("resnet50", 2048, builder=_resnet50_trunk))
 
 # %% ../nbs/01_backbones.ipynb #67917db3
-def create_image_backbone(name: str, pretrained: bool = True, frozen: bool = True) -> ImageBackbone:
+def create_image_backbone(name: str, pretrained: bool = True, frozen: bool = True,
+                          channels_last: bool = False) -> ImageBackbone:
     "Build the image backbone `name`; raise `WeightsUnavailableError` if pretrained weights are missing."
     config = image_backbone_config(name)
     if not pretrained:
         logger.warning("Image backbone %s starts from random weights (pretrained=False).", name)
-    return ImageBackbone(config, config.builder(pretrained), frozen=frozen)
+    return ImageBackbone(config, config.builder(pretrained), frozen=frozen, channels_last=channels_last)
 
 # %% ../nbs/01_backbones.ipynb #cbc2bf54
 @dataclass(frozen=True)

@@ -536,15 +536,16 @@ def load_coco_split(
 class ImageDataset(Dataset):
     "The images of a split as `(transform(image), image_index)` items, in `split.image_ids` order."
 
-    def __init__(self, split: CocoSplit, transform: Callable[[Image.Image], Any] | None = None):
-        self.split, self.transform = split, transform
+    def __init__(self, split: CocoSplit, transform: Callable[[Any], Any] | None = None,
+                 loader: Callable[[Path], Any] = load_image):
+        self.split, self.transform, self.loader = split, transform, loader
 
     def __len__(self) -> int:
         return self.split.n_images
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         index = _check_index(index, len(self))
-        image = load_image(self.split.image_paths[index])
+        image = self.loader(self.split.image_paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, index
@@ -567,8 +568,9 @@ class CaptionDataset(Dataset):
 class PairDataset(Dataset):
     "Image-caption pairs of a split, one per caption: `(image or image_index, caption, caption_index, image_index)`."
 
-    def __init__(self, split: CocoSplit, transform: Callable[[Image.Image], Any] | None = None):
-        self.split, self.transform = split, transform
+    def __init__(self, split: CocoSplit, transform: Callable[[Any], Any] | None = None,
+                 loader: Callable[[Path], Any] = load_image):
+        self.split, self.transform, self.loader = split, transform, loader
 
     def __len__(self) -> int:
         return self.split.n_captions
@@ -579,5 +581,5 @@ class PairDataset(Dataset):
         if self.transform is None:
             image = image_index
         else:
-            image = self.transform(load_image(self.split.image_paths[image_index]))
+            image = self.transform(self.loader(self.split.image_paths[image_index]))
         return image, self.split.captions[index], index, image_index

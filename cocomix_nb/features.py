@@ -23,7 +23,7 @@ from .backbones import (create_image_backbone, create_text_backbone, image_backb
 from .data import CocoSplit, ImageDataset
 
 # %% auto #0
-__all__ = ['logger', 'CACHE_FORMAT_VERSION', 'default_cache_dir', 'weights_identity', 'cache_key', 'image_features',
+__all__ = ['logger', 'CACHE_FORMAT_VERSION', 'PRECISIONS', 'default_cache_dir', 'weights_identity', 'cache_key', 'image_features',
            'text_features']
 
 # %% ../nbs/02_features.ipynb #66c9fab9
@@ -91,18 +91,39 @@ def _build_entry(path: Path, meta: dict, fill) -> dict:
         os.replace(staging, path)
     return _open_entry(path)
 
+# %% ../nbs/02_features.ipynb #e052214e
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"invalid precision {precision!r}; use one of {PRECISIONS}")
+    return precision
+
+
+def _precision_parts(precision: str) -> dict:
+    "Cache key parts for `precision`: none for float32, so that entries made before the option keep their key."
+    return {} if _check_precision(precision) == "float32" else {"precision": precision}
+
+
+def _extraction_autocast(device: str, precision: str):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bfloat16")
+
 # %% ../nbs/02_features.ipynb #f4c56592
 def image_features(split: CocoSplit, backbone: str, *, cache_dir=None, batch_size: int = 64,
-                   num_workers: int = 0, device: str = "cpu", rebuild: bool = False) -> dict:
+                   num_workers: int = 0, device: str = "cpu", precision: str = "float32",
+                   rebuild: bool = False) -> dict:
     """Return cached image features of `split` under image backbone `backbone`, extracting them if needed.
 
     Returns a dict of float16 memory maps: `pooled` `[n_images, C]`, `tokens` `[n_images, 49, C]`,
-    plus `meta` (the key's parts, timing, the entry's `path`).
+    plus `meta` (the key's parts, timing, the entry's `path`). `precision` is "float32" or "bfloat16"
+    (autocast during extraction).
     """
     config = image_backbone_config(backbone)
     transform = image_transform(backbone, train=False)
     parts = dict(kind="image", backbone=backbone, weights=weights_identity("image", backbone),
-                 transform=repr(transform), dataset=split.fingerprint())
+                 transform=repr(transform), dataset=split.fingerprint(), **_precision_parts(precision))
     path = Path(cache_dir or default_cache_dir()) / f"{split.name}-image-{backbone}-{cache_key(**parts)}"
     if rebuild:
         shutil.rmtree(path, ignore_errors=True)
@@ -110,13 +131,13 @@ def image_features(split: CocoSplit, backbone: str, *, cache_dir=None, batch_siz
         return {**entry, "path": path}
 
     def fill(staging: Path) -> list[str]:
-        model = create_image_backbone(backbone, pretrained=True, frozen=True).to(device).eval()
+        model = create_image_backbone(backbone, pretrained=True, frozen=True, channels_last=True).to(device).eval()
         n = split.n_images
         side = config.image_size // 32
         pooled = np.lib.format.open_memmap(staging / "pooled.npy", "w+", np.float16, (n, config.feature_dim))
         tokens = np.lib.format.open_memmap(staging / "tokens.npy", "w+", np.float16, (n, side * side, config.feature_dim))
         loader = DataLoader(ImageDataset(split, transform), batch_size=batch_size, num_workers=num_workers)
-        with torch.inference_mode():
+        with torch.inference_mode(), _extraction_autocast(device, precision):
             for images, indices in tqdm(loader, desc=f"{backbone} features ({split.name})", unit="batch"):
                 out = model(images.to(device))
                 pooled[indices.numpy()] = out["pooled"].float().cpu().numpy()
@@ -129,15 +150,17 @@ def image_features(split: CocoSplit, backbone: str, *, cache_dir=None, batch_siz
 
 # %% ../nbs/02_features.ipynb #4c570283
 def text_features(split: CocoSplit, backbone: str, *, max_length: int | None = None, cache_dir=None,
-                  batch_size: int = 256, device: str = "cpu", rebuild: bool = False) -> dict:
+                  batch_size: int = 256, device: str = "cpu", precision: str = "float32",
+                  rebuild: bool = False) -> dict:
     """Return cached text features of `split` under text backbone `backbone`, extracting them if needed.
 
     Returns a dict of memory maps: `cls` and `mean` `[n_captions, D]` and `tokens` `[n_captions, L, D]`
-    (float16), `attention_mask` `[n_captions, L]` (bool), plus `meta` and `path`.
+    (float16), `attention_mask` `[n_captions, L]` (bool), plus `meta` and `path`. `precision` is
+    "float32" or "bfloat16" (autocast during extraction).
     """
     config = text_backbone_config(backbone)
     parts = dict(kind="text", backbone=backbone, weights=weights_identity("text", backbone),
-                 max_length=max_length, dataset=split.fingerprint())
+                 max_length=max_length, dataset=split.fingerprint(), **_precision_parts(precision))
     path = Path(cache_dir or default_cache_dir()) / f"{split.name}-text-{backbone}-{cache_key(**parts)}"
     if rebuild:
         shutil.rmtree(path, ignore_errors=True)
@@ -156,7 +179,7 @@ def text_features(split: CocoSplit, backbone: str, *, max_length: int | None = N
             "tokens": np.lib.format.open_memmap(staging / "tokens.npy", "w+", np.float16, (n, length, config.feature_dim)),
         }
         np.save(staging / "attention_mask.npy", mask.bool().numpy())
-        with torch.inference_mode():
+        with torch.inference_mode(), _extraction_autocast(device, precision):
             for start in tqdm(range(0, n, batch_size), desc=f"{backbone} features ({split.name})", unit="batch"):
                 rows = slice(start, start + batch_size)
                 width = int(mask[rows].sum(1).max())  # trim the batch to its own longest caption

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['i2t_ranks', 't2i_ranks', 'retrieval_metrics', 'coco_1k_metrics']
+__all__ = ['chunk_bytes_per_element', 'chunk_size_for_memory', 'i2t_ranks', 't2i_ranks', 'retrieval_metrics', 'coco_1k_metrics']
 
 # %% ../nbs/04_metrics.ipynb #f8538358
 def _as_similarity_tensor(sims) -> torch.Tensor:
@@ -88,8 +88,44 @@ def _check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
 
 
+def chunk_bytes_per_element(dtype: torch.dtype) -> int:
+    """Return the bytes of working memory per similarity entry of a chunk.
+
+    Counting needs a bool comparison (1 byte) and an int64 copy of it (8 bytes), because torch 2.14.1
+    converts a bool tensor to int64 before summing it. A `dtype` other than float32 adds a float32 copy.
+    """
+    return 1 + 8 + (0 if dtype == torch.float32 else 4)
+
+
+def chunk_size_for_memory(max_memory_bytes: int, n_candidates: int, dtype: torch.dtype) -> int:
+    """Return the largest number of queries whose chunk of `n_candidates` scores fits in `max_memory_bytes`.
+
+    Raises ValueError if even one query does not fit.
+    """
+    if isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, Integral) or max_memory_bytes < 1:
+        raise ValueError(f"max_memory_bytes must be a positive integer, got {max_memory_bytes!r}.")
+    row_bytes = n_candidates * chunk_bytes_per_element(dtype)
+    if max_memory_bytes < row_bytes:
+        raise ValueError(
+            f"max_memory_bytes={max_memory_bytes} is below the {row_bytes} bytes that one query over "
+            f"{n_candidates} candidates needs (sims dtype {dtype}); raise it to at least {row_bytes}."
+        )
+    return int(max_memory_bytes // row_bytes)
+
+
+def _resolve_chunk_size(chunk_size, max_memory_bytes, n_candidates: int, dtype: torch.dtype) -> int:
+    "Return `chunk_size`, or the chunk size that `max_memory_bytes` allows when it is given."
+    _check_chunk_size(chunk_size)
+    if max_memory_bytes is None:
+        return chunk_size
+    return chunk_size_for_memory(max_memory_bytes, n_candidates, dtype)
+
+
 def _check_finite(block: torch.Tensor, image_offset: int, caption_offset: int, transposed: bool):
     "Raise on the first non-finite entry of a float32 chunk, reported by its (image, caption) position in `sims`."
+    # amax and amin propagate NaN and need no chunk-sized buffer, unlike isfinite on the whole chunk.
+    if bool(torch.isfinite(block.amax())) and bool(torch.isfinite(block.amin())):
+        return
     finite = torch.isfinite(block)
     if bool(finite.all()):
         return
@@ -104,7 +140,7 @@ def _check_finite(block: torch.Tensor, image_offset: int, caption_offset: int, t
     )
 
 # %% ../nbs/04_metrics.ipynb #a52041c4
-def i2t_ranks(sims, caption_to_image, chunk_size: int = 1024) -> np.ndarray:
+def i2t_ranks(sims, caption_to_image, chunk_size: int = 1024, max_memory_bytes: int | None = None) -> np.ndarray:
     """Rank the captions for each image query: int64 array `(n_images,)` of 0-based ranks.
 
     `sims` is an `(n_images, n_captions)` similarity matrix (NumPy array or torch tensor on any
@@ -114,33 +150,44 @@ def i2t_ranks(sims, caption_to_image, chunk_size: int = 1024) -> np.ndarray:
 
     Ties count against the ground truth: the rank is the number of non-ground-truth captions whose
     score is >= the best ground-truth score, so rank 0 means every other image's caption scores
-    strictly lower. `chunk_size` image rows are processed at a time. Raises ValueError if an image
-    has no caption, because its rank is undefined.
+    strictly lower. `chunk_size` image rows are processed at a time; `max_memory_bytes`, when given,
+    replaces it by the largest chunk whose working memory (see `chunk_size_for_memory`) fits. Raises
+    ValueError if an image has no caption, because its rank is undefined.
     """
-    _check_chunk_size(chunk_size)
     sims = _as_similarity_tensor(sims)
     n_images, n_captions = sims.shape
+    chunk_size = _resolve_chunk_size(chunk_size, max_memory_bytes, n_captions, sims.dtype)
     caption_to_image = _as_caption_index(caption_to_image, n_images, n_captions)
     _check_every_image_has_a_caption(caption_to_image, n_images)
 
+    # Captions sorted by image, so that the ground-truth captions of a chunk of images are one slice.
     device = sims.device
+    by_image = np.argsort(caption_to_image, kind="stable")
+    first_caption = np.searchsorted(caption_to_image[by_image], np.arange(n_images + 1))
+    by_image = torch.from_numpy(by_image).to(device)
     caption_image = torch.from_numpy(caption_to_image).to(device)
     ranks = torch.empty(n_images, dtype=torch.int64, device=device)
     with torch.no_grad():
         for start in range(0, n_images, chunk_size):
             stop = min(start + chunk_size, n_images)
-            block = sims[start:stop].to(torch.float32)  # (m, n_captions)
+            block = sims[start:stop].to(torch.float32)  # (m, n_captions), a view when sims is float32
             _check_finite(block, start, 0, transposed=False)
-            image_ids = torch.arange(start, stop, device=device)
-            is_ground_truth = caption_image[None, :] == image_ids[:, None]  # (m, n_captions)
 
-            best_ground_truth = block.masked_fill(~is_ground_truth, -torch.inf).amax(dim=1)  # (m,)
-            at_least_as_high = block >= best_ground_truth[:, None]
-            ranks[start:stop] = (at_least_as_high & ~is_ground_truth).sum(dim=1)
+            # Best ground-truth score per image, from the chunk's ground-truth entries only.
+            captions = by_image[first_caption[start]:first_caption[stop]]
+            local_image = caption_image[captions] - start
+            ground_truth = block[local_image, captions]
+            best = torch.full((stop - start,), -torch.inf, device=device)
+            best = best.scatter_reduce(0, local_image, ground_truth, reduce="amax")
+
+            # Rank = captions scoring >= the best, minus the image's own captions among them (at least one).
+            at_least_as_high = (block >= best[:, None]).sum(dim=1)
+            own = torch.bincount(local_image[ground_truth >= best[local_image]], minlength=stop - start)
+            ranks[start:stop] = at_least_as_high - own
     return ranks.cpu().numpy()
 
 # %% ../nbs/04_metrics.ipynb #d6f7a212
-def t2i_ranks(sims, caption_to_image, chunk_size: int = 1024) -> np.ndarray:
+def t2i_ranks(sims, caption_to_image, chunk_size: int = 1024, max_memory_bytes: int | None = None) -> np.ndarray:
     """Rank the images for each caption query: int64 array `(n_captions,)` of 0-based ranks.
 
     `sims` is an `(n_images, n_captions)` similarity matrix (NumPy array or torch tensor on any
@@ -148,12 +195,13 @@ def t2i_ranks(sims, caption_to_image, chunk_size: int = 1024) -> np.ndarray:
     ground-truth image of each caption.
 
     Ties count against the ground truth: the rank is the number of other images whose score is >=
-    the ground-truth image's score. `chunk_size` caption columns are processed at a time. Images
-    without a caption are allowed here and only act as distractors.
+    the ground-truth image's score. `chunk_size` caption columns are processed at a time;
+    `max_memory_bytes`, when given, replaces it as in `i2t_ranks`. Images without a caption are
+    allowed here and only act as distractors.
     """
-    _check_chunk_size(chunk_size)
     sims = _as_similarity_tensor(sims)
     n_images, n_captions = sims.shape
+    chunk_size = _resolve_chunk_size(chunk_size, max_memory_bytes, n_images, sims.dtype)
     caption_to_image = _as_caption_index(caption_to_image, n_images, n_captions)
 
     device = sims.device
@@ -187,7 +235,8 @@ def _check_ks(ks) -> tuple:
     return ks
 
 
-def retrieval_metrics(sims, caption_to_image, ks=(1, 5, 10), chunk_size: int = 1024) -> dict:
+def retrieval_metrics(sims, caption_to_image, ks=(1, 5, 10), chunk_size: int = 1024,
+                      max_memory_bytes: int | None = None) -> dict:
     """Compute image-to-text and text-to-image Recall@K, median and mean rank on one similarity matrix.
 
     `sims` is an `(n_images, n_captions)` similarity matrix and `caption_to_image` an integer array
@@ -195,10 +244,11 @@ def retrieval_metrics(sims, caption_to_image, ks=(1, 5, 10), chunk_size: int = 1
     dict of Python numbers: `i2t_r{k}` then `t2i_r{k}` for each k in `ks` (percent, 0-100), `rsum`
     (the sum of those recalls), `i2t_medr`, `i2t_meanr`, `t2i_medr`, `t2i_meanr` (1-based:
     `floor(median(rank)) + 1` and `mean(rank) + 1`), and the ints `n_images` and `n_captions`.
+    `chunk_size` and `max_memory_bytes` bound the working memory as in `i2t_ranks`.
     """
     ks = _check_ks(ks)
-    image_ranks = i2t_ranks(sims, caption_to_image, chunk_size)
-    caption_ranks = t2i_ranks(sims, caption_to_image, chunk_size)
+    image_ranks = i2t_ranks(sims, caption_to_image, chunk_size, max_memory_bytes)
+    caption_ranks = t2i_ranks(sims, caption_to_image, chunk_size, max_memory_bytes)
     i2t = _summarize_ranks(image_ranks, "i2t", ks)
     t2i = _summarize_ranks(caption_ranks, "t2i", ks)
 
@@ -215,7 +265,7 @@ def retrieval_metrics(sims, caption_to_image, ks=(1, 5, 10), chunk_size: int = 1
 
 # %% ../nbs/04_metrics.ipynb #a5a376a5
 def coco_1k_metrics(sims, caption_to_image, n_folds: int = 5, fold_size: int = 1000,
-                    ks=(1, 5, 10), chunk_size: int = 1024) -> dict:
+                    ks=(1, 5, 10), chunk_size: int = 1024, max_memory_bytes: int | None = None) -> dict:
     """Compute `retrieval_metrics` on `n_folds` folds of `fold_size` consecutive images and average them.
 
     `sims` is an `(n_folds * fold_size, n_captions)` similarity matrix and `caption_to_image` an
@@ -224,6 +274,7 @@ def coco_1k_metrics(sims, caption_to_image, n_folds: int = 5, fold_size: int = 1
     renumbered to fold-local image indices. Returns the mean over folds of every key of
     `retrieval_metrics` as a float (so `n_images` and `n_captions` are per-fold means), plus the int
     `n_folds`. Raises ValueError if `sims` does not have exactly `n_folds * fold_size` image rows.
+    Each fold's sub-matrix is copied before ranking; `max_memory_bytes` bounds the ranking of each copy.
     """
     for name, value in (("n_folds", n_folds), ("fold_size", fold_size)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -249,7 +300,7 @@ def coco_1k_metrics(sims, caption_to_image, n_folds: int = 5, fold_size: int = 1
         caption_columns = torch.from_numpy(fold_captions).to(sims.device)
         fold_sims = sims[first_image:first_image + fold_size].index_select(1, caption_columns)
         fold_caption_to_image = caption_to_image[fold_captions] - first_image
-        fold_metrics.append(retrieval_metrics(fold_sims, fold_caption_to_image, ks, chunk_size))
+        fold_metrics.append(retrieval_metrics(fold_sims, fold_caption_to_image, ks, chunk_size, max_memory_bytes))
 
     mean_metrics = {key: float(np.mean([metrics[key] for metrics in fold_metrics])) for key in fold_metrics[0]}
     mean_metrics["n_folds"] = n_folds

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['ModelConfig', 'projection_head', 'DualEncoder', 'content_mask', 'TokenPooling', 'TokenDualEncoder', 'same_image_mask',
-           'infonce_loss', 'hinge_loss', 'contrastive_loss']
+__all__ = ['ModelConfig', 'projection_head', 'DualEncoder', 'content_mask', 'TokenPooling', 'TokenDualEncoder', 'float32_region',
+           'same_image_mask', 'infonce_loss', 'hinge_loss', 'contrastive_loss']
 
 # %% ../nbs/03_model.ipynb #14f59b52
 @dataclass
@@ -190,6 +190,11 @@ class TokenDualEncoder(nn.Module):
         return self.embed_image(images), self.embed_text(text)
 
 # %% ../nbs/03_model.ipynb #5f20e69f
+def float32_region(tensor: torch.Tensor):
+    "Return a context manager that disables autocast on the device type of `tensor`, so ops inside run in their input dtype."
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def same_image_mask(image_ids: torch.Tensor | None, batch_size: int, device=None) -> torch.Tensor:
     "Return a `[B, B]` bool mask of off-diagonal pairs that share an image (all False if `image_ids` is None)."
     if image_ids is None:
@@ -203,30 +208,35 @@ def infonce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, i
     """Symmetric InfoNCE over a batch of `B` pairs: mean of the i2t and t2i cross-entropies.
 
     `image_emb`, `text_emb`: `[B, E]` (normalised). `logit_scale`: scalar. `image_ids`: `[B]` or None.
-    Entries of other pairs with the same image id are excluded from the softmax. Computed in float32.
+    Entries of other pairs with the same image id are excluded from the softmax. Computed in float32,
+    also under autocast.
     """
-    logits = logit_scale * image_emb.float() @ text_emb.float().T  # [B, B], rows: images
-    mask = same_image_mask(image_ids, logits.shape[0], logits.device)
-    logits = logits.masked_fill(mask, float("-inf"))
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    with float32_region(image_emb):
+        scale = torch.as_tensor(logit_scale, device=image_emb.device).float()
+        logits = scale * image_emb.float() @ text_emb.float().T  # [B, B], rows: images
+        mask = same_image_mask(image_ids, logits.shape[0], logits.device)
+        logits = logits.masked_fill(mask, float("-inf"))
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 # %% ../nbs/03_model.ipynb #61ea7675
 def hinge_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids=None, margin: float = 0.2,
                max_violation: bool = True) -> torch.Tensor:
     """VSE++ triplet loss over a batch of `B` pairs, summed over negatives and averaged over the batch.
 
-    Entries of other pairs with the same image id are not negatives. Computed in float32.
+    Entries of other pairs with the same image id are not negatives. Computed in float32, also under
+    autocast.
     """
-    scores = image_emb.float() @ text_emb.float().T  # [B, B]
-    positive = scores.diag()
-    not_negative = same_image_mask(image_ids, scores.shape[0], scores.device) | torch.eye(
-        scores.shape[0], dtype=torch.bool, device=scores.device)
-    cost_text = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(not_negative, 0)   # image anchors
-    cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(not_negative, 0)  # caption anchors
-    if max_violation:
-        return (cost_text.max(1).values.sum() + cost_image.max(0).values.sum()) / scores.shape[0]
-    return (cost_text.sum() + cost_image.sum()) / scores.shape[0]
+    with float32_region(image_emb):
+        scores = image_emb.float() @ text_emb.float().T  # [B, B]
+        positive = scores.diag()
+        not_negative = same_image_mask(image_ids, scores.shape[0], scores.device) | torch.eye(
+            scores.shape[0], dtype=torch.bool, device=scores.device)
+        cost_text = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(not_negative, 0)   # image anchors
+        cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(not_negative, 0)  # caption anchors
+        if max_violation:
+            return (cost_text.max(1).values.sum() + cost_image.max(0).values.sum()) / scores.shape[0]
+        return (cost_text.sum() + cost_image.sum()) / scores.shape[0]
 
 # %% ../nbs/03_model.ipynb #67f2539e
 def contrastive_loss(name: str, image_emb, text_emb, logit_scale, image_ids=None, *, margin: float = 0.2,
