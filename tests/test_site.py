@@ -110,7 +110,7 @@ def test_results_table_in_chromium(report, browser):
     assert headers[0] == "variant"
     assert headers[-1] == "RSUM"
     rows = browser.execute_script("return document.querySelectorAll('table.results-table')[0].tBodies[0].rows.length")
-    assert rows == 11
+    assert rows == 12
     bold = browser.execute_script("return document.querySelectorAll('table.results-table')[0].querySelectorAll('b').length")
     assert bold >= 7  # the best mean of each of the 7 metric columns
     assert "ΔRSUM [95% CI]" in browser.find_element("tag name", "body").text
