@@ -87,11 +87,23 @@ def test_quarto_config_lists_every_notebook():
     assert sorted(listed[1:]) == expected
 
 
+def open_page(browser, url: str, timeout: float = 60.0):
+    "Open `url` and wait until the document and all its images have finished loading."
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    loaded = "return document.readyState === 'complete' && Array.from(document.images).every(i => i.complete)"
+    try:
+        WebDriverWait(browser, timeout).until(lambda driver: driver.execute_script(loaded))
+    except TimeoutException:
+        pytest.fail(f"{url} did not finish loading within {timeout:.0f} s")
+
+
 def test_pages_load_in_chromium(report, browser):
     index, pages = report
     for page in pages:
-        browser.get((index.parent / f"{page['name']}.html").as_uri())
-        assert browser.execute_script("return document.readyState") == "complete", page["name"]
+        open_page(browser, (index.parent / f"{page['name']}.html").as_uri())
         assert browser.title == page["title"], page["name"]
         images = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
         broken = [i for i, (complete, width) in enumerate(images) if not complete or width == 0]
@@ -104,7 +116,7 @@ def test_pages_load_in_chromium(report, browser):
 
 def test_results_table_in_chromium(report, browser):
     index, _ = report
-    browser.get((index.parent / "30_results.html").as_uri())
+    open_page(browser, (index.parent / "30_results.html").as_uri())
     headers = browser.execute_script(
         "return Array.from(document.querySelectorAll('table.results-table')[0].querySelectorAll('th')).map(h => h.textContent)")
     assert headers[0] == "variant"
@@ -123,10 +135,10 @@ def test_results_table_in_chromium(report, browser):
 
 def test_index_links_resolve_in_chromium(report, browser):
     index, pages = report
-    browser.get(index.as_uri())
+    open_page(browser, index.as_uri())
     links = browser.execute_script("return Array.from(document.links).map(a => [a.href, a.textContent])")
     assert len(links) == len(pages)
     assert browser.execute_script("return document.querySelectorAll('table.results-table').length") == 1
     for href, text in links:
-        browser.get(href)
+        open_page(browser, href)
         assert browser.title == text, href
